@@ -1,0 +1,313 @@
+"""Kafka I/O with kafka-python: topics, the one producer, the one consumer, the dead-letter path.
+
+Delivery is at-least-once: :class:`EventConsumer` commits offsets only when its caller says the
+work for a batch is durable (``commit`` after the work, or :meth:`EventConsumer.run`), and
+downstream de-duplicates by ``event_id``. A message that does not decode or validate goes to the
+``dlq`` topic with its topic, partition, offset, original bytes and the reason; the consumer
+carries on and commits past it only once the dead letter is acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from streaming.config import TOPICS, KafkaSettings
+from streaming.events import DeadLetter, DecodeError, Event, EVENT_TYPES, decode_event, encode_event
+
+log = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(RuntimeError):
+    """No broker answered; the message says where we looked and what to do."""
+
+
+class TopicMissing(RuntimeError):
+    pass
+
+
+class DeliveryError(RuntimeError):
+    """The broker did not acknowledge some sends after all retries."""
+
+
+def _unavailable(kafka: KafkaSettings, exc: Exception) -> KafkaUnavailable:
+    return KafkaUnavailable(
+        f"no Kafka broker answered at {kafka.bootstrap_servers} ({exc.__class__.__name__}); start one with "
+        "`streamrec dev kafka` or point STREAMREC_KAFKA__BOOTSTRAP_SERVERS at your cluster"
+    )
+
+
+def ensure_topics(kafka: KafkaSettings, suffixes: Iterable[str] | None = None, timeout_s: float = 30.0) -> list[str]:
+    """Create StreamRec's topics that do not exist yet; return the names that were created."""
+    wanted = [kafka.topic(s) for s in (suffixes if suffixes is not None else TOPICS)]
+    try:
+        admin = KafkaAdminClient(**kafka.client_options(), request_timeout_ms=int(timeout_s * 1000))
+    except KafkaTimeoutError as exc:
+        raise _unavailable(kafka, exc) from None
+    try:
+        missing = sorted(set(wanted) - set(admin.list_topics()))
+        if missing:
+            configs = {"retention.ms": str(kafka.retention_ms)}
+            new = [NewTopic(n, kafka.partitions, kafka.replication_factor, topic_configs=configs) for n in missing]
+            try:
+                admin.create_topics(new, timeout_ms=int(timeout_s * 1000), wait_for_metadata=True)
+            except TopicAlreadyExistsError:
+                pass  # another process created them between our list and create
+        _wait_for_leaders(kafka, wanted, timeout_s)
+        return missing
+    finally:
+        admin.close()
+
+
+def _wait_for_leaders(kafka: KafkaSettings, topics: list[str], timeout_s: float) -> None:
+    consumer = KafkaConsumer(**kafka.client_options())
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            consumer._client.cluster.request_update()  # metadata may lag topic creation
+            known = consumer.topics()
+            if all(t in known and consumer.partitions_for_topic(t) for t in topics):
+                return
+            if time.monotonic() > deadline:
+                raise TopicMissing(f"topics {sorted(set(topics) - known)} have no leader after {timeout_s}s")
+            time.sleep(0.1)
+    finally:
+        consumer.close()
+
+
+def event_key(event: Event) -> bytes | None:
+    """The partitioning key DESIGN.md gives each topic: user_id, item_id, kind or the original key."""
+    if isinstance(event, DeadLetter):
+        return event.original_key
+    suffix = next(s for s, (t, _) in TOPICS.items() if t == event.type)  # type: ignore[attr-defined]
+    key_field = TOPICS[suffix][1]
+    value = getattr(event, key_field)
+    return value.encode("utf-8")
+
+
+class EventProducer:
+    """The one place that opens a Kafka producer: acks=all, idempotent, retries, compression."""
+
+    def __init__(self, kafka: KafkaSettings, **overrides) -> None:
+        self.kafka = kafka
+        try:
+            self._producer = KafkaProducer(**{**kafka.producer_options(), **overrides})
+        except KafkaTimeoutError as exc:
+            raise _unavailable(kafka, exc) from None
+        self._lock = threading.Lock()
+        self._failures: list[str] = []
+        self.sent = 0
+
+    def send(self, event: Event, topic: str | None = None):
+        """Send one event to its topic, keyed and timestamped (Kafka timestamp = event time)."""
+        return self.send_raw(topic or self.kafka.topic_for(event), event_key(event), encode_event(event), event.event_time)
+
+    def send_raw(self, topic: str, key: bytes | None, value: bytes | None, timestamp_ms: int | None = None):
+        future = self._producer.send(topic, value=value, key=key, timestamp_ms=timestamp_ms)
+        future.add_errback(self._record_failure, topic)
+        self.sent += 1
+        return future
+
+    def _record_failure(self, topic: str, exc: BaseException) -> None:
+        with self._lock:
+            self._failures.append(f"{topic}: {exc!r}")
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every send so far is acknowledged; raise if any was not."""
+        self._producer.flush(timeout=timeout_s)
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise DeliveryError(f"{len(failures)} sends were not acknowledged, first: {failures[0]}")
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        if self._producer._closed:
+            return
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> "EventProducer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded event with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    event: Event
+
+
+@dataclass
+class ConsumerStats:
+    records: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    commits: int = 0
+    by_topic: dict[str, int] = field(default_factory=dict)
+
+
+class EventConsumer:
+    """Consumer-group reader of StreamRec topics with batch polls, manual commits and a DLQ.
+
+    ``poll`` decodes a batch; bad messages are routed to ``dlq`` and left out of it. ``commit``
+    marks everything polled so far as done. ``run`` loops poll -> handler -> commit until
+    :meth:`stop` is called or the process gets SIGTERM/SIGINT, then commits and closes.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: Iterable[str],
+        group_id: str | None = None,
+        dead_letters: EventProducer | None = None,
+        **overrides,
+    ) -> None:
+        self.kafka = kafka
+        self.topics = [t if t.startswith(kafka.topic_prefix) else kafka.topic(t) for t in topics]
+        try:
+            self._consumer = KafkaConsumer(**{**kafka.consumer_options(group_id), **overrides})
+        except KafkaTimeoutError as exc:
+            raise _unavailable(kafka, exc) from None
+        missing = set(self.topics) - self._consumer.topics()
+        if missing:
+            self._consumer.close()
+            raise TopicMissing(
+                f"topic {', '.join(sorted(missing))} does not exist on {kafka.bootstrap_servers}; "
+                "run `streamrec topics create`"
+            )
+        self._consumer.subscribe(self.topics)
+        self._dead_letters = dead_letters
+        self._owns_dead_letters = dead_letters is None
+        self._expected = {kafka.topic(s): EVENT_TYPES[t] for s, (t, _) in TOPICS.items()}
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._stop = threading.Event()
+        self._closed = False
+        self.stats = ConsumerStats()
+
+    # -- reading -------------------------------------------------------------------------------
+    def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> list[Record]:
+        raw = self._consumer.poll(
+            timeout_ms=self.kafka.poll_timeout_ms if timeout_ms is None else timeout_ms,
+            max_records=max_records,
+        )
+        records: list[Record] = []
+        for tp, messages in raw.items():
+            expected = self._expected.get(tp.topic)
+            for m in messages:
+                try:
+                    if m.value is None:
+                        raise DecodeError("empty message (null value)")
+                    event = decode_event(m.value, expected)
+                except DecodeError as exc:
+                    self._dead_letter(m, exc.reason)
+                    continue
+                records.append(Record(m.topic, m.partition, m.offset, m.key, event))
+                self.stats.by_topic[m.topic] = self.stats.by_topic.get(m.topic, 0) + 1
+            if messages:
+                self._uncommitted[tp] = messages[-1].offset + 1
+        self.stats.records += len(records)
+        self.stats.batches += 1 if raw else 0
+        return records
+
+    def _dead_letter(self, message, reason: str) -> None:
+        if self._dead_letters is None:
+            self._dead_letters = EventProducer(self.kafka)
+        letter = DeadLetter(
+            event_time=message.timestamp if message.timestamp and message.timestamp >= 0 else int(time.time() * 1000),
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            original_key=message.key,
+            original_value=message.value,
+            error=reason,
+        )
+        self._dead_letters.send(letter, topic=self.kafka.topic("dlq"))
+        self.stats.dead_letters += 1
+        log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
+
+    # -- committing ----------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Commit everything polled so far: call only once the caller's work for it is durable."""
+        if not self._uncommitted:
+            return
+        if self._dead_letters is not None:
+            self._dead_letters.flush()  # a dead letter must be durable before we commit past it
+        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._uncommitted.items()}
+        self._consumer.commit(offsets)
+        self._uncommitted.clear()
+        self.stats.commits += 1
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        return self._consumer.committed(TopicPartition(topic, partition))
+
+    def assignment(self) -> set[TopicPartition]:
+        return self._consumer.assignment()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(
+        self,
+        handle: Callable[[list[Record]], None],
+        until: Callable[[], bool] | None = None,
+        install_signal_handlers: bool = True,
+    ) -> ConsumerStats:
+        """poll -> ``handle(batch)`` (must make its effects durable) -> commit, until stopped."""
+        previous = self._install_signals() if install_signal_handlers else {}
+        try:
+            while not self._stop.is_set() and not (until and until()):
+                batch = self.poll()
+                if batch:
+                    handle(batch)
+                self.commit()
+            return self.stats
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: self.stop())
+        return previous
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish the batch in hand, commit it and return."""
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._dead_letters is not None and self._owns_dead_letters:
+                self._dead_letters.close()
+        except KafkaError as exc:  # pragma: no cover - the broker went away during shutdown
+            log.error("closing the dead-letter producer failed: %s", exc)
+        finally:
+            self._consumer.close(autocommit=False)
+
+    def __enter__(self) -> "EventConsumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,3 @@
+from streamrec.cli import app
+
+app(prog_name="streamrec")
