@@ -6,6 +6,7 @@ The application shell (``streamrec.settings``) composes these into one tree that
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
@@ -23,6 +24,54 @@ TOPICS: dict[str, tuple[str, str]] = {
     "dlq": ("dead_letter", "original_key"),
 }
 TOPIC_OF_TYPE = {event_type: suffix for suffix, (event_type, _) in TOPICS.items()}
+# the stream worker's own topics: events re-keyed by item_id, and feature updates on their way to Feast
+INTERNAL_TOPICS = ("item-activity", "feature-updates", "join-ticks")
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks known secrets in the Kafka clients' log records: at DEBUG, kafka-python logs every
+    request it sends, the SASL PLAIN one with the password in it, and the raw bytes too."""
+
+    MASK = "**********"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: set[str] = set()  # each secret as text and as it shows inside a bytes repr
+
+    def add(self, secret: str) -> None:
+        data = secret.encode()
+        # a repr escapes quotes one way or the other depending on the text around: both spellings
+        self.forms |= {secret, repr(secret)[1:-1], repr(secret + "'\"")[1:-4], repr(data)[2:-1],
+                       repr(data + b"'\"")[2:-4]} - {""}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's own error to report
+            return True
+        if any(form in message for form in self.forms):
+            for form in sorted(self.forms, key=len, reverse=True):
+                message = message.replace(form, self.MASK)
+            record.msg, record.args = message, ()
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def hide_in_client_logs(*secrets: SecretStr | None) -> None:
+    """Mask these secrets in what kafka-python and aiokafka log (filters on their loggers; records
+    below a logger's level are never formatted, so this costs nothing unless they log)."""
+    for secret in secrets:
+        if secret is not None and secret.get_secret_value():
+            _REDACT.add(secret.get_secret_value())
+    # the loggers that print requests and raw bytes, created here if their module is not imported yet
+    names = {"kafka.net.connection", "kafka.protocol.parser", "kafka.net.transport", "aiokafka.conn"}
+    names |= {name for name in list(logging.Logger.manager.loggerDict) if name.split(".")[0] in ("kafka", "aiokafka")}
+    for name in names:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
 
 
 class KafkaSettings(BaseModel):
@@ -64,9 +113,12 @@ class KafkaSettings(BaseModel):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=30_000, ge=1000)
     bootstrap_timeout_ms: int = Field(default=30_000, ge=100, description="how long a client waits for a first broker")
+    reconnect_backoff_max_ms: int = Field(
+        default=1_000, ge=50, description="longest pause between attempts to reach a broker that went away (as in "
+        "Java clients; kafka-python's own 30 s would leave a client idle that long after a broker restart)")
 
     def topic(self, suffix: str) -> str:
-        if suffix not in TOPICS:
+        if suffix not in TOPICS and suffix not in INTERNAL_TOPICS:
             raise KeyError(f"unknown topic {suffix!r}; StreamRec's topics are {', '.join(TOPICS)}")
         return self.topic_prefix + suffix
 
@@ -79,11 +131,13 @@ class KafkaSettings(BaseModel):
 
     def client_options(self) -> dict[str, Any]:
         """Connection and security options shared by every kafka-python client."""
+        hide_in_client_logs(self.sasl_plain_password, self.ssl_password)
         options: dict[str, Any] = {
             "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
         }
         if self.sasl_mechanism:
             options["sasl_mechanism"] = self.sasl_mechanism
@@ -96,6 +150,8 @@ class KafkaSettings(BaseModel):
                 options[name] = getattr(self, name)
         if self.ssl_password is not None:
             options["ssl_password"] = self.ssl_password.get_secret_value()
+        elif self.ssl_certfile:  # an encrypted key then fails at once, instead of OpenSSL prompting on the terminal
+            options["ssl_password"] = ""
         if self.security_protocol in ("SSL", "SASL_SSL"):
             options["ssl_check_hostname"] = self.ssl_check_hostname
         return options

@@ -20,6 +20,7 @@ import csv
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,8 +74,7 @@ def detect_format(path: Path) -> LogFormat:
     if name.endswith(".parquet"):
         return "parquet"
     if name.endswith((".csv", ".csv.gz")):
-        with _open_text(path, errors="replace") as f:
-            header = f.readline().strip().lower()
+        header = _first_line(path).decode("utf-8", "replace").strip().lower()
         if "propensity_score" in header:
             return "obd"
         return "user-behavior"
@@ -94,6 +94,27 @@ def read_events(path: str | Path, fmt: LogFormat | None = None, on_reject: OnRej
 
 # -- StreamRec's own formats ------------------------------------------------------------------------
 
+# what reading a truncated or corrupt (compressed) file raises; nothing after it is readable
+_UNREADABLE = (EOFError, OSError, zlib.error)
+
+
+def _first_line(path: Path, limit: int = 1 << 16) -> bytes:
+    """The first line of a (gzipped) file, read in small steps so that a file truncated after it
+    still shows it; a file that shows nothing is a LogFormatError."""
+    data = b""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            while b"\n" not in data and len(data) < limit:
+                chunk = f.read1(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except _UNREADABLE as exc:
+        if not data:
+            raise LogFormatError(f"{path} cannot be read: {exc}") from None
+    return data.split(b"\n", 1)[0]
+
+
 def _open_text(path: Path, errors: str = "strict"):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", newline="", encoding="utf-8", errors=errors)
@@ -112,7 +133,16 @@ def write_jsonl(path: str | Path, events: Iterable[Event]) -> int:
 
 def read_jsonl(path: Path, on_reject: OnReject = _raise) -> Iterator[Event]:
     with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
-        for line_no, line in enumerate(f, start=1):
+        line_no = 0
+        while True:
+            try:
+                line = f.readline()
+            except _UNREADABLE as exc:
+                on_reject(Rejected(str(path), line_no + 1, b"", f"file ends early or is corrupt: {exc}"))
+                return
+            if not line:
+                return
+            line_no += 1
             if not line.strip():
                 continue
             try:
@@ -131,7 +161,7 @@ def write_parquet(path: str | Path, events: Iterable[Event]) -> int:
         rows.append(row)
     columns = sorted({k for row in rows for k in row})
     table = pa.Table.from_pylist(rows, schema=_parquet_schema(rows, columns)) if rows else pa.table({"type": pa.array([], pa.string())})
-    pq.write_table(table, path, compression="zstd")
+    pq.write_table(table, path, compression="zstd", write_page_checksum=True)  # a damaged page is detected, not misread
     return len(rows)
 
 
@@ -155,22 +185,50 @@ def _parquet_schema(rows: list[dict], columns: list[str]) -> pa.Schema:
 
 def read_parquet(path: Path, on_reject: OnReject = _raise) -> Iterator[Event]:
     try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         raise LogFormatError(f"{path} is not a readable Parquet file: {exc}") from None
     row_no = 0
-    for batch in parquet.iter_batches(batch_size=10_000):
-        for row in batch.to_pylist():
+    batches = parquet.iter_batches(batch_size=10_000)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # a damaged page: the rows after it are lost
+            on_reject(Rejected(str(path), row_no + 1, b"", f"file is corrupt from here on: {exc}"))
+            return
+        if batch is None:
+            return
+        for row in _batch_rows(batch):
             row_no += 1
+            if isinstance(row, Exception):
+                on_reject(Rejected(str(path), row_no, b"", f"unreadable row: {row}"))
+                continue
             data = {k: v for k, v in row.items() if v is not None}
             try:
                 for name in _NESTED:
                     if name in data:
                         data[name] = json.loads(data[name])
                 yield event_from_dict(data)
-            except (DecodeError, json.JSONDecodeError, TypeError) as exc:
+            except (DecodeError, json.JSONDecodeError, TypeError, RecursionError) as exc:
                 reason = exc.reason if isinstance(exc, DecodeError) else f"bad nested JSON: {exc}"
                 on_reject(Rejected(str(path), row_no, json.dumps(row, default=str).encode(), reason))
+
+
+def _batch_rows(batch: pa.RecordBatch) -> Iterator[dict | Exception]:
+    """The batch's rows as dicts; if the batch does not convert (e.g. a string that is not UTF-8),
+    row by row, with the exception in place of each row that does not."""
+    try:
+        rows = batch.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowException):
+        rows = None
+    if rows is not None:
+        yield from rows
+        return
+    for i in range(batch.num_rows):
+        try:
+            yield batch.slice(i, 1).to_pylist()[0]
+        except (UnicodeDecodeError, pa.ArrowException) as exc:
+            yield exc
 
 
 # -- Open Bandit Dataset ------------------------------------------------------------------------------
@@ -242,7 +300,10 @@ def _open_bandit_items(path: Path, time_ms: int, on_reject: OnReject) -> Iterato
     if not path.exists():
         return
     rows = _read_csv_rows(path, on_reject)
-    _, columns = next(rows)
+    header = next(rows, None)
+    if header is None:
+        return
+    _, columns = header
     for line_no, row in rows:
         try:
             item = dict(zip(columns, row))
@@ -261,7 +322,9 @@ def _open_bandit_items(path: Path, time_ms: int, on_reject: OnReject) -> Iterato
 
 
 def _read_csv_rows(path: Path, on_reject: OnReject) -> Iterator[tuple[int, list[str]]]:
-    with _open_text(path) as f:
+    # surrogateescape: a byte that is not UTF-8 spoils its own row only (strict decoding would
+    # fail the whole block being decoded, taking the valid rows around it down too)
+    with _open_text(path, errors="surrogateescape") as f:
         reader = csv.reader(f)
         line_no = 0
         while True:
@@ -273,9 +336,16 @@ def _read_csv_rows(path: Path, on_reject: OnReject) -> Iterator[tuple[int, list[
             except (csv.Error, UnicodeDecodeError) as exc:
                 on_reject(Rejected(str(path), line_no, b"", f"unreadable CSV: {exc}"))
                 continue
-            except (EOFError, OSError) as exc:  # truncated or corrupt compressed file: nothing after is readable
+            except _UNREADABLE as exc:  # truncated or corrupt compressed file: nothing after is readable
                 on_reject(Rejected(str(path), line_no, b"", f"file ends early or is corrupt: {exc}"))
                 return
+            try:
+                "".join(row).encode("utf-8")
+            except UnicodeEncodeError as exc:  # an escaped non-UTF-8 byte
+                raw = ",".join(row).encode("utf-8", "surrogateescape")
+                byte = exc.object[exc.start].encode("utf-8", "surrogateescape")
+                on_reject(Rejected(str(path), line_no, raw, f"not UTF-8: the row holds byte 0x{byte.hex()}"))
+                continue
             yield line_no, row
 
 

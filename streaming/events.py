@@ -48,7 +48,10 @@ def to_epoch_ms(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError("event time has no timezone; StreamRec times are UTC (add 'Z' or '+00:00')")
-        return int(value.astimezone(timezone.utc).timestamp() * 1000)
+        try:
+            return int(value.astimezone(timezone.utc).timestamp() * 1000)
+        except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before the first representable UTC time
+            raise ValueError(f"event time {value.isoformat()} is out of range") from None
     return value
 
 
@@ -83,7 +86,9 @@ def new_event_id() -> str:
 class Event(BaseModel):
     """Fields every event shares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # no NaN or infinity anywhere: JSON has no encoding for them, so such an event could be
+    # produced but never decoded again (it would be dead-lettered downstream instead of refused here)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: Id = Field(default_factory=new_event_id)
@@ -143,7 +148,14 @@ class Item(Event):
 
 
 class Example(Event):
-    """An impression with its labels, emitted when its attribution window closes."""
+    """An impression with its labels.
+
+    In ``windowed`` label mode there is one example per impression, emitted when its attribution
+    window closes (``emitted_on="window_close"``), with exact labels. In ``streaming`` mode each
+    impression is emitted at once as a provisional negative (``emitted_on="impression"``, possibly a
+    fake negative) and again as a positive copy when its click or purchase is joined
+    (``emitted_on="click"`` / ``"purchase"``), so the learner can correct with fake-negative weighting.
+    """
 
     type: Literal["example"] = "example"
     impression: Impression
@@ -151,6 +163,8 @@ class Example(Event):
     purchased: bool
     click_time: EventTime | None = None
     purchase_time: EventTime | None = None
+    label_mode: Literal["windowed", "streaming"] = "windowed"
+    emitted_on: Literal["window_close", "impression", "click", "purchase"] = "window_close"
 
     @model_validator(mode="after")
     def _labels_consistent(self) -> "Example":
@@ -221,10 +235,21 @@ def decode_event(data: bytes | str, expected: type[Event] | None = None) -> Even
     try:
         event = expected.model_validate_json(data) if expected is not None else _any_event.validate_json(data)
     except ValidationError as exc:
-        raise DecodeError(describe_validation_error(exc)) from None
+        raise DecodeError(_not_utf8(data) or describe_validation_error(exc)) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"not UTF-8 JSON: {exc}") from None
     return event
+
+
+def _not_utf8(data: bytes | str) -> str | None:
+    """Why ``data`` is not UTF-8 (checked only once decoding failed, so valid messages pay nothing)."""
+    if isinstance(data, str):
+        return None
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"<root>: Invalid JSON: not UTF-8 (byte 0x{bytes(data)[exc.start]:02x} at position {exc.start})"
+    return None
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

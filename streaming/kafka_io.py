@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -40,8 +40,13 @@ class DeliveryError(RuntimeError):
 
 
 def _unavailable(kafka: KafkaSettings, exc: Exception) -> KafkaUnavailable:
+    secured = ""
+    if kafka.security_protocol != "PLAINTEXT":  # kafka-python reports a refused login or handshake as no answer
+        secured = (f" with security_protocol={kafka.security_protocol}; if a broker runs there, check that its listener "
+                   "speaks that protocol and the SASL username and password and SSL files (ssl_cafile, ssl_certfile, "
+                   "ssl_keyfile, ssl_password)")
     return KafkaUnavailable(
-        f"no Kafka broker answered at {kafka.bootstrap_servers} ({exc.__class__.__name__}); start one with "
+        f"no Kafka broker answered at {kafka.bootstrap_servers} ({exc.__class__.__name__}){secured}; start one with "
         "`streamrec dev kafka` or point STREAMREC_KAFKA__BOOTSTRAP_SERVERS at your cluster"
     )
 
@@ -84,14 +89,14 @@ def _wait_for_leaders(kafka: KafkaSettings, topics: list[str], timeout_s: float)
         consumer.close()
 
 
+_KEY_FIELD = {event_type: key_field for event_type, key_field in TOPICS.values()}
+
+
 def event_key(event: Event) -> bytes | None:
     """The partitioning key DESIGN.md gives each topic: user_id, item_id, kind or the original key."""
     if isinstance(event, DeadLetter):
         return event.original_key
-    suffix = next(s for s, (t, _) in TOPICS.items() if t == event.type)  # type: ignore[attr-defined]
-    key_field = TOPICS[suffix][1]
-    value = getattr(event, key_field)
-    return value.encode("utf-8")
+    return getattr(event, _KEY_FIELD[event.type]).encode("utf-8")  # type: ignore[attr-defined]
 
 
 class EventProducer:
@@ -105,11 +110,17 @@ class EventProducer:
             raise _unavailable(kafka, exc) from None
         self._lock = threading.Lock()
         self._failures: list[str] = []
+        self._topic_of_type = {event_type: kafka.topic(suffix) for suffix, (event_type, _) in TOPICS.items()}
         self.sent = 0
 
     def send(self, event: Event, topic: str | None = None):
         """Send one event to its topic, keyed and timestamped (Kafka timestamp = event time)."""
-        return self.send_raw(topic or self.kafka.topic_for(event), event_key(event), encode_event(event), event.event_time)
+        return self.send_raw(
+            topic or self._topic_of_type[event.type],  # type: ignore[attr-defined]
+            event_key(event),
+            encode_event(event),
+            event.event_time,
+        )
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes | None, timestamp_ms: int | None = None):
         future = self._producer.send(topic, value=value, key=key, timestamp_ms=timestamp_ms)
@@ -127,7 +138,10 @@ class EventProducer:
         with self._lock:
             failures, self._failures = self._failures, []
         if failures:
-            raise DeliveryError(f"{len(failures)} sends were not acknowledged, first: {failures[0]}")
+            raise DeliveryError(
+                f"{len(failures)} sends were not acknowledged by Kafka at {self.kafka.bootstrap_servers} within the "
+                f"producer's delivery timeout (retried until then); the caller must resend them; first: {failures[0]}"
+            )
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         if self._producer._closed:
@@ -164,12 +178,31 @@ class ConsumerStats:
     by_topic: dict[str, int] = field(default_factory=dict)
 
 
+class _ForgetRevoked(ConsumerRebalanceListener):
+    """Partitions taken away in a rebalance: their polled-but-uncommitted offsets are not ours to commit.
+
+    Their new owner starts from the last committed offset, so the records are redelivered (at-least-once).
+    """
+
+    def __init__(self, consumer: "EventConsumer") -> None:
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.consumer._uncommitted.pop(tp, None)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+
 class EventConsumer:
     """Consumer-group reader of StreamRec topics with batch polls, manual commits and a DLQ.
 
     ``poll`` decodes a batch; bad messages are routed to ``dlq`` and left out of it. ``commit``
     marks everything polled so far as done. ``run`` loops poll -> handler -> commit until
     :meth:`stop` is called or the process gets SIGTERM/SIGINT, then commits and closes.
+    While the broker is unreachable, ``poll`` returns empty batches and ``commit`` waits for it to
+    answer, so a broker restart pauses the consumer instead of crashing it.
     """
 
     def __init__(
@@ -193,21 +226,30 @@ class EventConsumer:
                 f"topic {', '.join(sorted(missing))} does not exist on {kafka.bootstrap_servers}; "
                 "run `streamrec topics create`"
             )
-        self._consumer.subscribe(self.topics)
+        self._consumer.subscribe(self.topics, listener=_ForgetRevoked(self))
         self._dead_letters = dead_letters
         self._owns_dead_letters = dead_letters is None
         self._expected = {kafka.topic(s): EVENT_TYPES[t] for s, (t, _) in TOPICS.items()}
         self._uncommitted: dict[TopicPartition, int] = {}
         self._stop = threading.Event()
         self._closed = False
+        self._outage_since: float | None = None
         self.stats = ConsumerStats()
 
     # -- reading -------------------------------------------------------------------------------
     def poll(self, timeout_ms: int | None = None, max_records: int | None = None) -> list[Record]:
-        raw = self._consumer.poll(
-            timeout_ms=self.kafka.poll_timeout_ms if timeout_ms is None else timeout_ms,
-            max_records=max_records,
-        )
+        """The next batch of decoded records; an empty batch while the broker is unreachable."""
+        timeout_ms = self.kafka.poll_timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            raw = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            # a broker restart or a network blip: nothing was consumed, so the caller just polls again
+            self._note_outage("poll", exc)
+            self._stop.wait(max(timeout_ms, 100) / 1000)
+            return []
+        self._note_recovery("poll")
         records: list[Record] = []
         for tp, messages in raw.items():
             expected = self._expected.get(tp.topic)
@@ -244,16 +286,49 @@ class EventConsumer:
         log.warning("dead-lettered %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason)
 
     # -- committing ----------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Commit everything polled so far: call only once the caller's work for it is durable."""
+    def commit(self, timeout_s: float | None = None) -> None:
+        """Commit everything polled so far: call only once the caller's work for it is durable.
+
+        While the broker is unreachable (a restart, a network blip) the commit is retried until it
+        answers. ``timeout_s``, or :meth:`stop`, ends the wait with :class:`KafkaUnavailable`; the
+        records since the last commit are then redelivered to the group (at-least-once).
+        """
         if not self._uncommitted:
             return
         if self._dead_letters is not None:
             self._dead_letters.flush()  # a dead letter must be durable before we commit past it
         offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._uncommitted.items()}
-        self._consumer.commit(offsets)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        backoff_s = 0.1
+        while True:
+            try:
+                self._consumer.commit(offsets)
+                break
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                self._note_outage("commit", exc)
+                if self._stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                    raise KafkaUnavailable(
+                        f"could not commit offsets: no Kafka broker answered at {self.kafka.bootstrap_servers} "
+                        f"({exc.__class__.__name__}); the records since the last commit will be delivered again"
+                    ) from None
+                self._stop.wait(backoff_s if deadline is None else max(0.0, min(backoff_s, deadline - time.monotonic())))
+                backoff_s = min(2 * backoff_s, 2.0)
+        self._note_recovery("commit")
         self._uncommitted.clear()
         self.stats.commits += 1
+
+    def _note_outage(self, what: str, exc: Exception) -> None:
+        if self._outage_since is None:  # once per outage, not once per retry
+            self._outage_since = time.monotonic()
+            log.warning("consumer %s failed (%r): Kafka at %s is unreachable; retrying until it answers",
+                        what, exc, self.kafka.bootstrap_servers)
+
+    def _note_recovery(self, what: str) -> None:
+        if self._outage_since is not None:
+            log.warning("consumer %s works again after %.1fs without Kafka", what, time.monotonic() - self._outage_since)
+            self._outage_since = None
 
     def committed(self, topic: str, partition: int) -> int | None:
         return self._consumer.committed(TopicPartition(topic, partition))

@@ -8,6 +8,7 @@ succeeds, and stopped cleanly. ``restart`` keeps its ports and data, for broker-
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -96,6 +97,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the broker's child process: ask Linux to SIGTERM it when the process that started it dies,
+    so a killed test session or ``streamrec dev kafka`` never leaves an orphan broker behind."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() and the atexit hook still clean up
+
+
 class LocalKafka:
     """One KRaft node (broker + controller) on 127.0.0.1 with its own data directory."""
 
@@ -114,6 +124,10 @@ class LocalKafka:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     def _classpath(self) -> str:
         return f"{self.libs}/*"
@@ -167,7 +181,7 @@ class LocalKafka:
             [self.java, f"-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
              f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}",
              "-cp", self._classpath(), "kafka.Kafka", str(config)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         log_file.close()
         self.wait_ready(timeout_s)

@@ -42,6 +42,9 @@ def kafka(kafka_bootstrap) -> KafkaSettings:
         group_id=f"g{uuid.uuid4().hex[:10]}",
         bootstrap_timeout_ms=15_000,
         linger_ms=2,
+        # the synthetic events carry 2026-01 event times, stamped on their records: with time-based
+        # retention the broker would delete them minutes after they are written
+        retention_ms=-1,
     )
     ensure_topics(settings)
     return settings
