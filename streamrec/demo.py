@@ -1,96 +1,119 @@
-"""``streamrec demo``: the most complete job StreamRec runs on embedded defaults.
+"""``streamrec demo``: the closed loop on embedded defaults, or over a real Kafka with every part a process.
 
-Today that is the event path: a synthetic shop's logged traffic is written as an event log,
-read back, and replayed in event-time order in-process (or through a real Kafka cluster with
-``--kafka``, read back by time range), with a summary that sets the logged click-through rate
-against the oracle's. The learner, policy and serving steps of the closed loop join it as they land.
+Without ``--kafka`` it runs :mod:`streamrec.closed_loop` (serving, the synthetic world's users,
+the joiner and aggregates in-process, Feast on SQLite, the incremental learner publishing versions
+that serving hot-swaps, an RLlib policy promoted through off-policy evaluation), prints a summary
+table and writes an HTML report with plots. With ``--kafka`` it runs the same loop over that
+cluster with the stream worker, the learner and serving as processes (:mod:`streamrec.live_demo`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from policies.synthetic_world import SyntheticWorld, WorldConfig
-from streaming.event_log import read_events, write_parquet
-from streaming.events import Event, Impression
-from streaming.kafka_io import EventProducer, ensure_topics
-from streaming.replay import ReplayStats, read_kafka_range, replay_in_process, replay_to_kafka
+from streamrec.closed_loop import ClosedLoop, LoopConfig, LoopResult
+from streamrec.report import bar_chart, line_chart, write_report
 from streamrec.settings import Settings
 
 
-def run_demo(settings: Settings, n_events: int, seed: int, use_kafka: bool, console: Console) -> dict:
-    world = SyntheticWorld(WorldConfig(seed=seed))
-    n_requests = max(1, n_events // world.config.slate_size)
-    console.print(f"synthetic shop: {world.config.n_users} users, {world.config.n_items} items, "
-                  f"{n_requests:,} logged slates of {world.config.slate_size}")
-    log = world.item_events() + world.generate_log(n_requests)
+def run_closed_loop_demo(settings: Settings, config: LoopConfig, console: Console, progress: bool = True) -> tuple[LoopResult, Path]:
+    """The closed loop, its summary table and its HTML report (``<data_dir>/demo/report.html``)."""
+    import logging
+    import shutil
+
+    # Feast logs each registry refresh at INFO: thousands of lines over a run, none of them news
+    logging.getLogger("feast").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
     out_dir = settings.data_dir / "demo"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "events.parquet"
-    write_parquet(log_path, log)
-    events = list(read_events(log_path))
-    if events != log:
-        raise RuntimeError(f"the event log {log_path} did not read back as written")
-
-    if use_kafka:
-        ensure_topics(settings.kafka)
-        with EventProducer(settings.kafka) as producer:
-            stats = replay_to_kafka(events, producer, speed=settings.replay.speed, progress=settings.replay.progress)
-        first, last = events[0].event_time, max(e.event_time for e in events)
-        replayed = read_kafka_range(settings.kafka, ["items", "impressions", "clicks", "purchases"], first, last + 1)
-        missing = len(events) - len(replayed)
-        console.print(f"read back {len(replayed):,} events from Kafka by time range ({missing:,} missing)")
-        if missing:
-            raise RuntimeError(f"{missing} events sent to Kafka did not come back in the time range")
-    else:
-        stats = ReplayStats()
-        replayed = list(replay_in_process(events, settings.replay.speed, stats))
-
-    summary = summarise(world, replayed, stats)
-    _print(summary, stats, log_path, "Kafka" if use_kafka else "in-process", console)
-    return summary
+    workdir = out_dir / "run"
+    shutil.rmtree(workdir, ignore_errors=True)  # each run starts from an empty registry and feature store
+    workdir.mkdir(parents=True)
+    console.print(f"closed loop: {config.n_users} users, {config.n_items} items, {config.events:,} impressions, "
+                  f"model {config.model!r} on {config.device}, seed {config.seed}")
+    with Progress(TextColumn("[bold]serving and learning"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+                  TimeElapsedColumn(), console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("loop", total=None)
+        loop = ClosedLoop(config, workdir, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = loop.run()
+    _print_loop(result, console)
+    report = write_loop_report(result, out_dir / "report.html")
+    console.print(f"report: {report}")
+    return result, report
 
 
-def summarise(world: SyntheticWorld, events: list[Event], stats: ReplayStats) -> dict:
-    slates: dict[str, list[Impression]] = defaultdict(list)
-    for event in events:
-        if isinstance(event, Impression):
-            slates[event.request_id].append(event)
-    logged_clicks = stats.by_type["click"]
-    impressions = stats.by_type["impression"]
-    oracle_logged, oracle_best = [], []
-    for request_id in sorted(slates)[:1000]:  # a sample keeps the oracle's best-slate search quick
-        slate = sorted(slates[request_id], key=lambda i: i.position)
-        user = slate[0].user_id
-        items = [i.item_id for i in slate]
-        oracle_logged.append(world.click_probability(user, items, [i.position for i in slate]).sum())
-        best = world.best_slate(user, world.item_ids, k=len(items))
-        oracle_best.append(world.click_probability(user, best, list(range(len(best)))).sum())
-    slate_size = world.config.slate_size
-    return {
-        "events": stats.events,
-        "impressions": impressions,
-        "clicks": logged_clicks,
-        "purchases": stats.by_type["purchase"],
-        "logged_ctr": logged_clicks / max(impressions, 1),
-        "oracle_ctr_of_logged_slates": float(np.mean(oracle_logged)) / slate_size if oracle_logged else 0.0,
-        "oracle_ctr_of_best_slates": float(np.mean(oracle_best)) / slate_size if oracle_best else 0.0,
-    }
-
-
-def _print(summary: dict, stats: ReplayStats, log_path, sink: str, console: Console) -> None:
-    table = Table(title=f"StreamRec demo: event path ({sink})")
+def _print_loop(result: LoopResult, console: Console) -> None:
+    table = Table(title="StreamRec demo: the closed loop")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for key in ("events", "impressions", "clicks", "purchases"):
-        table.add_row(key, f"{summary[key]:,}")
-    table.add_row("logged CTR (random policy)", f"{summary['logged_ctr']:.4f}")
-    table.add_row("oracle CTR of the logged slates", f"{summary['oracle_ctr_of_logged_slates']:.4f}")
-    table.add_row("oracle CTR of the best slates (headroom)", f"{summary['oracle_ctr_of_best_slates']:.4f}")
-    table.add_row("replay throughput", f"{stats.events / max(stats.wall_seconds, 1e-9):,.0f} events/s")
+    for key, value in result.summary.items():
+        if isinstance(value, float):
+            text = f"{value:,.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
     console.print(table)
-    console.print(f"event log: {log_path}")
+
+
+def write_loop_report(result: LoopResult, path: Path) -> Path:
+    timeline = result.timeline
+    xs = timeline["examples"]
+    charts = [
+        line_chart("Click AUC, prequential (test-then-train)", {
+            "model": (xs, timeline["model_ctr_auc"]), "popularity": (xs, timeline["popularity_ctr_auc"]),
+            "logistic regression": (xs, timeline["logistic_ctr_auc"]), "oracle": (xs, timeline["oracle_ctr_auc"])},
+            x_label="examples learned", y_label="AUC, last window"),
+        line_chart("Purchase AUC (pCTCVR), prequential", {
+            "model": (xs, timeline["model_ctcvr_auc"]), "popularity": (xs, timeline["popularity_ctcvr_auc"]),
+            "oracle": (xs, timeline["oracle_ctcvr_auc"])}, x_label="examples learned", y_label="AUC, last window"),
+        line_chart("Served click-through rate", {"served CTR": (xs, timeline["served_ctr"])},
+                   x_label="examples learned", y_label="clicks per impression (recent requests)"),
+    ]
+    if result.rewards:
+        order = [k for k in ("random", "greedy_pctr", "greedy_pctcvr", "learned", "learned+exploration", "oracle")
+                 if k in result.rewards]
+        charts.append(bar_chart("Reward per session (ground-truth users)", {k: result.rewards[k] for k in order},
+                                y_label="click + w * purchase per session",
+                                errors={k: 1.96 * result.reward_stderr.get(k, 0.0) for k in order}))
+    if result.freshness_s:
+        fresh = np.sort(np.array(result.freshness_s))
+        quantiles = np.linspace(0, 1, len(fresh))
+        step = max(1, len(fresh) // 400)
+        charts.append(line_chart("Model freshness: event time from an impression to the serving version that learned it",
+                                 {"share of examples": (fresh[::step].tolist(), quantiles[::step].tolist())},
+                                 x_label="seconds of event time", y_label="cumulative share", y_range=(0.0, 1.0)))
+    summary = dict(result.summary)
+    notes = ["Prequential metrics: every example is scored by the model before the model learns from it; "
+             "the oracle is the synthetic world's true click and purchase probability on the same impressions.",
+             f"Versions swapped into serving: {', '.join(f'{k} {v}' for k, v in result.swaps[-12:])}"
+             + (" ..." if len(result.swaps) > 12 else "")]
+    return write_report(path, "StreamRec demo report", summary, charts, notes)
+
+
+def run_live_demo_cli(settings: Settings, *, events: int, seed: int, model: str, device: str, rate: float,
+                      console: Console | None = None) -> dict:
+    """``--kafka``: the closed loop over a real cluster with every part a process; prints the summary."""
+    from streamrec.live_demo import LiveDemoConfig, run_live_demo
+
+    console = console or Console()
+    config = LiveDemoConfig(requests=max(1, events // 5), seed=seed, rate=rate, model=model,
+                            device="cpu" if device == "auto" else device)
+    workdir = settings.data_dir / "demo" / "live"
+    with Progress(TextColumn("[bold]users asking serving"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+                  TimeElapsedColumn(), console=console, disable=not settings.replay.progress) as bar:
+        task = bar.add_task("live", total=config.requests)
+        summary = run_live_demo(settings.kafka, config, workdir,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                say=console.print)
+    table = Table(title="StreamRec demo: the closed loop on Kafka")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    return summary

@@ -107,20 +107,16 @@ def test_errors_a_user_can_act_on(tmp_path):
     assert result.exit_code == 2 and "settings file" in result.output
 
 
-def test_demo_runs_the_event_path_and_reports_against_the_oracle(tmp_path):
-    result = runner.invoke(app, ["demo", "--events", "2000", "--seed", "1"], env={"STREAMREC_DATA_DIR": str(tmp_path)})
+def test_demo_closes_the_loop_through_a_real_broker_with_every_part_a_process(kafka, tmp_path):
+    env = {**kafka_env(kafka), "STREAMREC_DATA_DIR": str(tmp_path), "STREAMREC_REPLAY__PROGRESS": "false"}
+    result = runner.invoke(app, ["demo", "--events", "400", "--rate", "10", "--kafka", kafka.bootstrap_servers], env=env)
     assert result.exit_code == 0, result.output
-    assert "impressions" in result.output and "2,000" in result.output
-    assert "oracle CTR of the best slates" in result.output
-    assert (tmp_path / "demo" / "events.parquet").exists()
-
-
-def test_demo_through_a_real_broker(kafka, tmp_path):
-    env = {**kafka_env(kafka), "STREAMREC_DATA_DIR": str(tmp_path)}
-    env["STREAMREC_KAFKA__TOPIC_PREFIX"] = kafka.topic_prefix + "demo."
-    result = runner.invoke(app, ["demo", "--events", "1000", "--kafka", kafka.bootstrap_servers], env=env)
-    assert result.exit_code == 0, result.output
-    assert "(0 missing)" in result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in result.output.splitlines() if line.count("│") == 3}
+    assert rows["requests served"] == "80" and rows["requests failed"] == "0"
+    # the demo ends once serving answers with a version that learned the users' answers: the loop closed
+    assert rows["model version serving at the end"] not in ("v000001", "None")
+    assert rows["error lines in process logs"] == "0" and rows["processes that exited cleanly"] == "3"
 
 
 def test_the_cli_runs_as_a_process():
@@ -129,3 +125,33 @@ def test_the_cli_runs_as_a_process():
     assert result.returncode == 0
     for command in ("demo", "replay", "schema", "topics", "world", "dev"):
         assert command in result.stdout
+
+
+def test_dev_kafka_runs_a_broker_with_the_topics_until_stopped(tmp_path):
+    import signal
+
+    from kafka import KafkaConsumer
+
+    from streaming.config import KafkaSettings
+    from streaming.local_broker import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    broker = subprocess.Popen([sys.executable, "-m", "streamrec", "dev", "kafka", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in broker.stdout:  # blocks until the command reports the broker up, or exits
+            lines.append(line)
+            if "Kafka is up" in line:
+                break
+        assert f"bootstrap 127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        consumer = KafkaConsumer(bootstrap_servers=f"127.0.0.1:{port}")
+        try:
+            assert set(KafkaSettings().all_topics()) <= consumer.topics()
+        finally:
+            consumer.close()
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(timeout=60)
+    assert broker.returncode == 0

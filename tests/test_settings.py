@@ -58,3 +58,14 @@ def test_bad_settings_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMREC_KAFKA__SECURITY_PROTOCOL", "TLS")
     with pytest.raises(SettingsError, match="security_protocol"):
         load_settings()
+
+
+def test_a_misspelled_environment_variable_is_an_error_not_silently_ignored(monkeypatch):
+    from streamrec.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("STREAMREC_SERVING__PROT", "9000")
+    with pytest.raises(SettingsError, match="STREAMREC_SERVING__PROT .did you mean STREAMREC_SERVING__PORT"):
+        load_settings()
+    monkeypatch.delenv("STREAMREC_SERVING__PROT")
+    monkeypatch.setenv("STREAMREC_SERVING__PORT", "9000")
+    assert load_settings().serving.port == 9000
