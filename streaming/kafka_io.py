@@ -192,7 +192,8 @@ class _ForgetRevoked(ConsumerRebalanceListener):
             self.consumer._uncommitted.pop(tp, None)
 
     def on_partitions_assigned(self, assigned) -> None:
-        pass
+        log.info("assigned %d partitions: %s", len(assigned),
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none")
 
 
 class EventConsumer:

