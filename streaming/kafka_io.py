@@ -25,6 +25,7 @@ from streaming.config import TOPICS, KafkaSettings
 from streaming.events import DeadLetter, DecodeError, Event, EVENT_TYPES, decode_event, encode_event
 
 log = logging.getLogger(__name__)
+STALL_AFTER_S = 10.0  # empty polls with records to read before a partition is taken for stalled
 
 
 class KafkaUnavailable(RuntimeError):
@@ -175,6 +176,7 @@ class ConsumerStats:
     dead_letters: int = 0
     batches: int = 0
     commits: int = 0
+    reseeks: int = 0  # stalled partitions re-sought (see EventConsumer._watch_for_stalls)
     by_topic: dict[str, int] = field(default_factory=dict)
 
 
@@ -235,6 +237,8 @@ class EventConsumer:
         self._stop = threading.Event()
         self._closed = False
         self._outage_since: float | None = None
+        self._stall_checked_at = time.monotonic()
+        self._stalled_at: dict[TopicPartition, int | None] = {}  # position at the last check, if behind
         self.stats = ConsumerStats()
 
     # -- reading -------------------------------------------------------------------------------
@@ -251,6 +255,7 @@ class EventConsumer:
             self._stop.wait(max(timeout_ms, 100) / 1000)
             return []
         self._note_recovery("poll")
+        self._watch_for_stalls()
         records: list[Record] = []
         for tp, messages in raw.items():
             expected = self._expected.get(tp.topic)
@@ -269,6 +274,36 @@ class EventConsumer:
         self.stats.records += len(records)
         self.stats.batches += 1 if raw else 0
         return records
+
+    def _watch_for_stalls(self) -> None:
+        """Every ``STALL_AFTER_S``: re-seek an assigned partition that had records to read at the
+        last check and has not moved since.
+
+        kafka-python 3.x can leave a partition unfetched after a rebalance or a metadata change
+        while the others flow (dpkp/kafka-python#3106, #3131): its position never moves and poll
+        keeps coming back empty. Seeking to the same position resets its fetch state; nothing is
+        skipped or read twice, since the position is the next record the caller has not seen.
+        """
+        now = time.monotonic()
+        if now - self._stall_checked_at < STALL_AFTER_S or self._outage_since is not None:
+            return
+        self._stall_checked_at = now
+        try:
+            assigned = sorted(self._consumer.assignment() - self._consumer.paused())
+            if not assigned:
+                return
+            ends = self._consumer.end_offsets(assigned, timeout_ms=5_000)
+            for tp in assigned:
+                position = self._consumer.position(tp, timeout_ms=5_000)
+                behind = ends.get(tp, 0) - position if position is not None else 0
+                if behind > 0 and self._stalled_at.get(tp) == position:
+                    log.warning("%s[%d] has %d records to read but has not moved from %d for %.0f s: re-seeking it",
+                                tp.topic, tp.partition, behind, position, STALL_AFTER_S)
+                    self._consumer.seek(tp, position)
+                    self.stats.reseeks += 1
+                self._stalled_at[tp] = position if behind > 0 else None
+        except KafkaError as exc:  # the broker is away: the outage handling in poll covers it
+            log.debug("stall check skipped: %r", exc)
 
     def _dead_letter(self, message, reason: str) -> None:
         if self._dead_letters is None:

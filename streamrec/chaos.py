@@ -666,9 +666,15 @@ class ChaosRun:
             for n, kill in enumerate(plan, 1):
                 target = self.processes[kill.target]
                 since = self._progress(kill.target, examples)
-                self.wait(lambda: examples.distinct >= kill.after_examples
-                          and self._progress(kill.target, examples) > since,
-                          f"{kill.after_examples} examples and {kill.target} progress before kill {n}")
+                try:
+                    self.wait(lambda: examples.distinct >= kill.after_examples
+                              and self._progress(kill.target, examples) > since,
+                              f"{kill.after_examples} examples and {kill.target} progress before kill {n}")
+                except ChaosError as exc:
+                    learned = latest_checkpoint_meta(self.checkpoints)[1].get("examples_learned", 0)
+                    raise ChaosError(f"{exc}\n--- at the timeout: {examples.distinct:,} distinct examples on the topic, "
+                                     f"{kill.target} progress {since} -> {self._progress(kill.target, examples)}, "
+                                     f"learner checkpoint holds {learned:,}") from None
                 target.kill()
                 self.kills[kill.target] += 1
                 learned = latest_checkpoint_meta(self.checkpoints)[1].get("examples_learned", 0)
