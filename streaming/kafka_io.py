@@ -177,6 +177,7 @@ class ConsumerStats:
     batches: int = 0
     commits: int = 0
     reseeks: int = 0  # stalled partitions re-sought (see EventConsumer._watch_for_stalls)
+    reopens: int = 0  # clients replaced because a re-seek did not unstick them
     by_topic: dict[str, int] = field(default_factory=dict)
 
 
@@ -219,7 +220,8 @@ class EventConsumer:
         self.kafka = kafka
         self.topics = [t if t.startswith(kafka.topic_prefix) else kafka.topic(t) for t in topics]
         try:
-            self._consumer = KafkaConsumer(**{**kafka.consumer_options(group_id), **overrides})
+            self._options = {**kafka.consumer_options(group_id), **overrides}
+            self._consumer = KafkaConsumer(**self._options)
         except KafkaTimeoutError as exc:
             raise _unavailable(kafka, exc) from None
         missing = set(self.topics) - self._consumer.topics()
@@ -239,6 +241,7 @@ class EventConsumer:
         self._outage_since: float | None = None
         self._stall_checked_at = time.monotonic()
         self._stalled_at: dict[TopicPartition, int | None] = {}  # position at the last check, if behind
+        self._reseeked: set[TopicPartition] = set()  # re-sought at the last check
         self.stats = ConsumerStats()
 
     # -- reading -------------------------------------------------------------------------------
@@ -282,7 +285,10 @@ class EventConsumer:
         kafka-python 3.x can leave a partition unfetched after a rebalance or a metadata change
         while the others flow (dpkp/kafka-python#3106, #3131): its position never moves and poll
         keeps coming back empty. Seeking to the same position resets its fetch state; nothing is
-        skipped or read twice, since the position is the next record the caller has not seen.
+        skipped or read twice, since the position is the next record the caller has not seen. Where
+        that does not help either (seen in CI: the client's fetch pipeline stuck, not one partition),
+        the client is replaced; the new one resumes from the committed offsets (at-least-once, as
+        after a rebalance).
         """
         now = time.monotonic()
         if now - self._stall_checked_at < STALL_AFTER_S or self._outage_since is not None:
@@ -293,17 +299,47 @@ class EventConsumer:
             if not assigned:
                 return
             ends = self._consumer.end_offsets(assigned, timeout_ms=5_000)
+            stalled = []
             for tp in assigned:
                 position = self._consumer.position(tp, timeout_ms=5_000)
                 behind = ends.get(tp, 0) - position if position is not None else 0
                 if behind > 0 and self._stalled_at.get(tp) == position:
-                    log.warning("%s[%d] has %d records to read but has not moved from %d for %.0f s: re-seeking it",
-                                tp.topic, tp.partition, behind, position, STALL_AFTER_S)
-                    self._consumer.seek(tp, position)
-                    self.stats.reseeks += 1
+                    stalled.append((tp, position, behind))
                 self._stalled_at[tp] = position if behind > 0 else None
+            if not stalled:
+                self._reseeked.clear()
+                return
+            if any(tp in self._reseeked for tp, _, _ in stalled):
+                # re-seeking did not help: the client's fetch pipeline itself is stuck
+                log.warning("%s still stalled after a re-seek: reopening the consumer (records polled but not "
+                            "committed come again)", ", ".join(f"{tp.topic}[{tp.partition}]" for tp, _, _ in stalled))
+                self._reopen()
+                return
+            for tp, position, behind in stalled:
+                log.warning("%s[%d] has %d records to read but has not moved from %d for %.0f s: re-seeking it",
+                            tp.topic, tp.partition, behind, position, STALL_AFTER_S)
+                self._consumer.seek(tp, position)
+                self._reseeked.add(tp)
+                self.stats.reseeks += 1
         except KafkaError as exc:  # the broker is away: the outage handling in poll covers it
             log.debug("stall check skipped: %r", exc)
+
+    def _reopen(self) -> None:
+        """A new client in place of a stuck one; it resumes from the group's committed offsets."""
+        old, self._consumer = self._consumer, None
+        try:
+            old.close(autocommit=False)
+        except Exception as exc:  # noqa: BLE001 - a stuck client may not close cleanly; it is dropped either way
+            log.debug("closing the stuck consumer: %r", exc)
+        self._uncommitted.clear()  # not ours to commit: the new client reads them again
+        self._stalled_at.clear()
+        self._reseeked.clear()
+        try:
+            self._consumer = KafkaConsumer(**self._options)
+        except KafkaTimeoutError as exc:
+            raise _unavailable(self.kafka, exc) from None
+        self._consumer.subscribe(self.topics, listener=_ForgetRevoked(self))
+        self.stats.reopens += 1
 
     def _dead_letter(self, message, reason: str) -> None:
         if self._dead_letters is None:
