@@ -242,6 +242,7 @@ class EventConsumer:
         self._stall_checked_at = time.monotonic()
         self._stalled_at: dict[TopicPartition, int | None] = {}  # position at the last check, if behind
         self._reseeked: set[TopicPartition] = set()  # re-sought at the last check
+        self._polled_since_check = False  # whether any poll returned records since the last check
         self.stats = ConsumerStats()
 
     # -- reading -------------------------------------------------------------------------------
@@ -258,6 +259,7 @@ class EventConsumer:
             self._stop.wait(max(timeout_ms, 100) / 1000)
             return []
         self._note_recovery("poll")
+        self._polled_since_check = self._polled_since_check or bool(raw)
         self._watch_for_stalls()
         records: list[Record] = []
         for tp, messages in raw.items():
@@ -279,8 +281,8 @@ class EventConsumer:
         return records
 
     def _watch_for_stalls(self) -> None:
-        """Every ``STALL_AFTER_S``: re-seek an assigned partition that had records to read at the
-        last check and has not moved since.
+        """Every ``STALL_AFTER_S`` in which poll returned nothing: re-seek an assigned partition that
+        had records to read at the last check and has not moved since.
 
         kafka-python 3.x can leave a partition unfetched after a rebalance or a metadata change
         while the others flow (dpkp/kafka-python#3106, #3131): its position never moves and poll
@@ -294,6 +296,12 @@ class EventConsumer:
         if now - self._stall_checked_at < STALL_AFTER_S or self._outage_since is not None:
             return
         self._stall_checked_at = now
+        if self._polled_since_check:
+            # records flowed: a partition that waits its turn behind a backlog is not stalled
+            self._polled_since_check = False
+            self._stalled_at.clear()
+            self._reseeked.clear()
+            return
         try:
             assigned = sorted(self._consumer.assignment() - self._consumer.paused())
             if not assigned:
