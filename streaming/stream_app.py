@@ -45,6 +45,7 @@ from streaming.joiner import SOURCES, JoinerConfig, LabelJoiner
 
 log = logging.getLogger(__name__)
 FeatureSink = Callable[[list[FeatureUpdate]], None]
+FLUSH_AT_STOP_S = 30.0  # how long a flush waits for deliveries once the producer is stopping
 _SOURCE_TOPICS = {"impression": "impressions", "click": "clicks", "purchase": "purchases"}
 
 
@@ -78,6 +79,56 @@ def encode_feature_update(update: FeatureUpdate) -> bytes:
 
 def decode_feature_update(data: bytes) -> FeatureUpdate:
     return FeatureUpdate(**json.loads(data))
+
+
+class ProducerSendError(RuntimeError):
+    """A buffered send failed: committing input offsets past it would lose what it carried."""
+
+
+def complete_flushes(buffer) -> None:
+    """Make the producer buffer's ``flush`` wait until every message put before it is delivered.
+
+    Faust flushes its producer and then commits the input offsets, and that order is the whole of
+    at-least-once: the table changelog writes and the examples an event caused must be in Kafka
+    before its offset is committed. faust-streaming 0.15's ``ProducerBuffer.flush`` returns as soon
+    as 0.1 s pass without a message leaving the buffer, and never waits for the message being
+    handed to the client. On a busy machine it returned with writes still queued, Faust committed
+    past them, and a worker killed at that moment lost them: after its restart a click that had
+    been read was neither in the restored join state nor re-read, and its impression came out
+    unclicked. So each message put is tracked until its delivery is confirmed, and a flush waits
+    for all of them; a send that failed makes every later flush raise, so nothing is committed
+    past a lost write (the worker stops, and a restart re-reads from the last good commit).
+    """
+    outstanding: set[asyncio.Future] = set()
+    failed: list[str] = []
+    put = buffer.put
+
+    def settled(future: asyncio.Future) -> None:
+        outstanding.discard(future)
+        error = "cancelled" if future.cancelled() else future.exception()
+        if error is not None:
+            failed.append(f"{future.message.channel.get_topic_name()}: {error}")
+
+    def put_tracked(future) -> None:
+        outstanding.add(future)
+        future.add_done_callback(settled)
+        put(future)
+
+    async def flush() -> None:
+        stopped_at = None
+        while outstanding and not failed:
+            if buffer.state != "running":  # shutting down: the client may never answer what is left
+                if buffer.size:
+                    raise RuntimeError("cannot flush: the producer buffer stopped with messages queued")
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > FLUSH_AT_STOP_S:
+                    raise RuntimeError(f"cannot flush: {len(outstanding)} send(s) unconfirmed after the producer stopped")
+            await asyncio.wait(set(outstanding), timeout=0.1)
+        if failed:
+            raise ProducerSendError(f"{len(failed)} send(s) failed, the first {failed[0]}; not committing past them")
+
+    buffer.put = put_tracked
+    buffer.flush = flush
 
 
 class _FlushCounter(faust.Sensor):
@@ -310,10 +361,16 @@ class StreamWorker:
         if update is not None:
             self.feature_updates.send_soon(key=update.key.encode(), value=encode_feature_update(update))
 
+    def prepare_producer(self) -> None:
+        """Tune and guard Faust's producer; call once the event loop the app will run on is current."""
+        buffer = self.app.producer.buffer
+        # Faust pauses the stream to drain its send buffer whenever it passes 100 messages, one
+        # message at a time; each event here sends ~7 (changelogs, features, re-keyed activity)
+        buffer.max_messages = 5000
+        complete_flushes(buffer)
+
     def run(self, loglevel: str = "warning") -> None:
         """Run the worker in this process until SIGTERM/SIGINT."""
         worker = faust.Worker(self.app, loglevel=loglevel, quiet=True)
-        # Faust pauses the stream to drain its send buffer whenever it passes 100 messages, one
-        # message at a time; each event here sends ~7 (changelogs, features, re-keyed activity)
-        self.app.producer.buffer.max_messages = 5000
+        self.prepare_producer()
         worker.execute_from_commandline()

@@ -7,6 +7,7 @@ with the in-process path over the same events.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from streaming.events import Click, Impression, Purchase
 from streaming.kafka_io import EventConsumer, EventProducer, ensure_topics
 from streaming.config import INTERNAL_TOPICS, TOPICS
 from streaming.replay import replay_to_kafka
+from streaming.stream_app import ProducerSendError, StreamWorker
 from streaming.stream_processor import StreamProcessor
 from streamrec.chaos import clock_events, recent_start_ms
 
@@ -223,3 +225,61 @@ def test_worker_killed_mid_stream_recovers_its_state_from_the_changelogs(topics,
     assert uncommitted == {}, f"input offsets left uncommitted (committed, end): {uncommitted}"
     # what the restart re-read since the last commit is recognised as repeats, not dead-lettered as late
     assert topic_size(kafka, "dlq") == 0
+
+
+def slow_sends(producer, delay_s: float, fail: bool = False):
+    """Each send reaches the client ``delay_s`` late (a busy loop, a full client buffer), or fails."""
+    send = producer.send
+
+    async def delayed(*args, **kwargs):
+        await asyncio.sleep(delay_s)
+        if fail:
+            broken = asyncio.get_running_loop().create_future()
+            broken.set_exception(ConnectionError("broker unreachable"))
+            return broken
+        return await send(*args, **kwargs)
+
+    producer.send = delayed
+
+
+def test_the_flush_before_each_commit_waits_for_every_queued_send(topics, tmp_path):
+    """Faust flushes its producer, then commits the input offsets: a flush that returned with table
+    or example writes still queued would commit past them, and a crash would lose them."""
+    async def scenario():
+        worker = StreamWorker(topics, app_id=f"w{uuid.uuid4().hex[:8]}", data_dir=str(tmp_path / "faust"))
+        worker.prepare_producer()
+        producer = worker.app.producer
+        slow_sends(producer, 0.3)  # Faust's own flush gives up after 0.1 s without a send
+        await producer.start()
+        try:
+            queued = [worker.examples.send_soon(key=b"u", value=b"%d" % i) for i in range(4)]
+            await producer.flush()
+            return [f.done() and f.exception() is None for f in queued]
+        finally:
+            await producer.stop()
+
+    assert asyncio.run(scenario()) == [True] * 4  # each one delivered, acknowledged by the broker
+
+
+def test_a_failed_send_stops_every_later_commit(topics, tmp_path):
+    async def scenario():
+        worker = StreamWorker(topics, app_id=f"w{uuid.uuid4().hex[:8]}", data_dir=str(tmp_path / "faust"))
+        worker.prepare_producer()
+        producer = worker.app.producer
+        slow_sends(producer, 0.0, fail=True)
+        await producer.start()
+        try:
+            worker.examples.send_soon(key=b"u", value=b"lost")
+            errors = []
+            for _ in range(2):
+                try:
+                    await producer.flush()
+                except ProducerSendError as exc:
+                    errors.append(str(exc))
+            return errors
+        finally:
+            await producer.stop()
+
+    errors = asyncio.run(scenario())
+    assert len(errors) == 2, errors
+    assert topics.topic("examples") in errors[0] and "broker unreachable" in errors[0]
