@@ -96,8 +96,9 @@ def complete_flushes(buffer) -> None:
     past them, and a worker killed at that moment lost them: after its restart a click that had
     been read was neither in the restored join state nor re-read, and its impression came out
     unclicked. So each message put is tracked until its delivery is confirmed, and a flush waits
-    for all of them; a send that failed makes every later flush raise, so nothing is committed
-    past a lost write (the worker stops, and a restart re-reads from the last good commit).
+    for those put before it began (the agents go on sending meanwhile; waiting for those too would
+    never end under load). A send that failed makes every later flush raise, so nothing is
+    committed past a lost write (the worker stops, and a restart re-reads from the last commit).
     """
     outstanding: set[asyncio.Future] = set()
     failed: list[str] = []
@@ -115,15 +116,16 @@ def complete_flushes(buffer) -> None:
         put(future)
 
     async def flush() -> None:
+        waiting = set(outstanding)
         stopped_at = None
-        while outstanding and not failed:
+        while waiting and not failed:
             if buffer.state != "running":  # shutting down: the client may never answer what is left
                 if buffer.size:
                     raise RuntimeError("cannot flush: the producer buffer stopped with messages queued")
                 stopped_at = stopped_at or time.monotonic()
                 if time.monotonic() - stopped_at > FLUSH_AT_STOP_S:
-                    raise RuntimeError(f"cannot flush: {len(outstanding)} send(s) unconfirmed after the producer stopped")
-            await asyncio.wait(set(outstanding), timeout=0.1)
+                    raise RuntimeError(f"cannot flush: {len(waiting)} send(s) unconfirmed after the producer stopped")
+            _, waiting = await asyncio.wait(waiting, timeout=1.0)
         if failed:
             raise ProducerSendError(f"{len(failed)} send(s) failed, the first {failed[0]}; not committing past them")
 

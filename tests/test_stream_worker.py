@@ -249,16 +249,27 @@ def test_the_flush_before_each_commit_waits_for_every_queued_send(topics, tmp_pa
         worker = StreamWorker(topics, app_id=f"w{uuid.uuid4().hex[:8]}", data_dir=str(tmp_path / "faust"))
         worker.prepare_producer()
         producer = worker.app.producer
-        slow_sends(producer, 0.3)  # Faust's own flush gives up after 0.1 s without a send
+        slow_sends(producer, 0.15)  # Faust's own flush gives up after 0.1 s without a send
         await producer.start()
+
+        async def agents_go_on_sending():
+            for _ in range(100):
+                worker.examples.send_soon(key=b"u", value=b"later")
+                await asyncio.sleep(0.05)
+
         try:
             queued = [worker.examples.send_soon(key=b"u", value=b"%d" % i) for i in range(4)]
+            later = asyncio.ensure_future(agents_go_on_sending())
             await producer.flush()
-            return [f.done() and f.exception() is None for f in queued]
+            flushed_while_sending = not later.done()
+            later.cancel()
+            return [f.done() and f.exception() is None for f in queued], flushed_while_sending
         finally:
             await producer.stop()
 
-    assert asyncio.run(scenario()) == [True] * 4  # each one delivered, acknowledged by the broker
+    delivered, flushed_while_sending = asyncio.run(scenario())
+    assert delivered == [True] * 4  # each one delivered, acknowledged by the broker
+    assert flushed_while_sending  # the flush waits for what came before it, not for a busy stream to pause
 
 
 def test_a_failed_send_stops_every_later_commit(topics, tmp_path):
