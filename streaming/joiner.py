@@ -48,6 +48,7 @@ so the example is sent again instead of lost (downstream de-duplicates by event_
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class JoinerConfig(BaseModel):
     purchase_window_ms: int = Field(default=24 * 3_600_000, ge=0)
     allowed_lateness_ms: int = Field(default=5 * 60_000, ge=0)
     label_mode: Literal["windowed", "streaming"] = "windowed"
+    # one user's join state is one changelog record, and Kafka refuses records over ~1 MB: a user
+    # (a crawler, a bot) whose open windows would pass this bound gets its new events dead-lettered
+    max_user_state_bytes: int = Field(default=512_000, ge=10_000)
 
 
 @dataclass
@@ -83,8 +87,26 @@ class JoinCounters:
     organic_clicks: int = 0
     organic_purchases: int = 0
     late: int = 0
+    over_bound: int = 0  # dead-lettered: the user's join state was at ``max_user_state_bytes``
     duplicates: int = 0
     examples: int = 0
+
+
+_ENTRY_BYTES = 100  # a click, a purchase, a ``seen`` id, an impression's bookkeeping: generous JSON sizes
+
+
+def _impression_bytes(body: dict) -> int:
+    return len(json.dumps(body, separators=(",", ":"))) + _ENTRY_BYTES
+
+
+def state_bytes(state: dict) -> int:
+    """A generous estimate of the size of a user's state as JSON, without encoding all of it."""
+    open_ = state["impressions"]
+    impressions = sum(imp.get("n", 1000) for imp in open_.values())
+    # an outbox example is its impression plus labels; its impression was one of these (or like them)
+    example = (impressions // len(open_) if open_ else 1000) + 3 * _ENTRY_BYTES
+    entries = len(state["clicks"]) + len(state["purchases"]) + len(state["seen"])
+    return 200 + impressions + example * len(state.get("outbox", ())) + _ENTRY_BYTES * entries
 
 
 def new_user_state(partition: str) -> dict:
@@ -175,12 +197,21 @@ class LabelJoiner:
             result.late.append((event, reason))
             self.counters.late += 1
             return result
+        body = event.model_dump(mode="json") if isinstance(event, Impression) else None
+        size = state_bytes(state) + (_impression_bytes(body) if body is not None else _ENTRY_BYTES)
+        if size > self.config.max_user_state_bytes:
+            reason = (f"{source} of user {user}: the user's open join state would reach ~{size} bytes, over "
+                      f"max_user_state_bytes={self.config.max_user_state_bytes} (one changelog record; Kafka "
+                      f"refuses records over its max.message.bytes)")
+            result.late.append((event, reason))
+            self.counters.over_bound += 1
+            return result
         state["seen"][event.event_id] = event.event_time
         if isinstance(event, Impression):
             self.counters.impressions += 1
             state["impressions"][event.event_id] = {
                 "t": event.event_time, "item": event.item_id, "req": event.request_id,
-                "click": None, "purchase": None, "copies": [], "body": event.model_dump(mode="json"),
+                "click": None, "purchase": None, "copies": [], "body": body, "n": _impression_bytes(body),
             }
             if self.config.label_mode == "streaming":
                 self._emit_copy(state["impressions"][event.event_id], "impression", result)

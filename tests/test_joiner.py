@@ -304,3 +304,24 @@ def test_a_watermark_from_another_process_is_trusted_only_up_to_the_committed_of
     restarted.process(imp("i2", 60 * MIN), offset=1)
     assert restarted.counters.duplicates == 1
     assert restarted.watermark("0", idle=("purchase",)) == first.watermark("0", idle=("purchase",))
+
+
+def test_a_users_join_state_stays_within_one_kafka_record_and_what_would_pass_it_is_dead_lettered():
+    """A crawler's burst of impressions would grow its state record past Kafka's ~1 MB message limit and
+    crash the worker: past ``max_user_state_bytes`` its new events come back with a reason instead."""
+    config = CFG.model_copy(update={"max_user_state_bytes": 50_000, "label_mode": "windowed"})
+    joiner = LabelJoiner(config, outbox=True)
+    burst = [imp(f"b{i}", i * 100, item=f"i{i % 50}", user="bot") for i in range(400)]
+    results = [joiner.process(e) for e in burst]
+    rejected = [(event, reason) for r in results for event, reason in r.late]
+    assert 0 < len(rejected) < len(burst)
+    assert all("user bot" in reason and "max_user_state_bytes=50000" in reason for _, reason in rejected)
+    assert joiner.counters.over_bound == len(rejected) and joiner.counters.late == 0
+    record = json.dumps(joiner.states["bot"])
+    assert len(record) <= 50_000  # the estimate errs on the large side
+    # others are untouched, and the bot's accepted impressions still get their labels
+    assert joiner.process(imp("h1", 1000, user="human")).late == []
+    accepted = {e.event_id for e in burst} - {event.event_id for event, _ in rejected}
+    assert joiner.process(click("c0", burst[0].event_time + 10, item=burst[0].item_id, user="bot")).late == []
+    examples = {e.event_id: e for e in joiner.flush()}
+    assert set(examples) == accepted | {"h1"} and examples[burst[0].event_id].clicked

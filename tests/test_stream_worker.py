@@ -8,6 +8,7 @@ with the in-process path over the same events.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from streaming.kafka_io import EventConsumer, EventProducer, ensure_topics
 from streaming.config import INTERNAL_TOPICS, TOPICS
 from streaming.replay import replay_to_kafka
 from streaming.stream_app import ProducerSendError, StreamWorker
+from streaming.joiner import JoinerConfig
 from streaming.stream_processor import StreamProcessor
 from streamrec.chaos import clock_events, recent_start_ms
 
@@ -41,9 +43,9 @@ def shop_log(seed: int = 2, requests: int = 240, gap_ms: float = 2000.0) -> list
     return log + clock_events(3, max(e.event_time for e in log) + 26 * HOUR)
 
 
-def in_process(events: list):
+def in_process(events: list, config: JoinerConfig | None = None):
     """The reference: the same core over the same events in the same order, and the last feature rows."""
-    processor = StreamProcessor()
+    processor = StreamProcessor(config)
     examples, features = {}, {}
     for out in processor.run(events, finish=False):
         examples.update({e.event_id: e for e in out.examples})
@@ -53,8 +55,9 @@ def in_process(events: list):
 
 
 class Worker:
-    def __init__(self, kafka, tmp_path: Path, app_id: str) -> None:
+    def __init__(self, kafka, tmp_path: Path, app_id: str, **settings: str) -> None:
         self.env = {
+            **settings,
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
@@ -163,22 +166,33 @@ def topics(kafka):
 
 def test_live_worker_gives_the_in_process_examples_features_and_dead_letters(topics, tmp_path):
     kafka = topics
-    log = sorted(shop_log(), key=lambda e: e.event_time)
+    log = shop_log()
+    # a crawler: a burst of impressions that would outgrow one changelog record (bound lowered here)
+    bound = 100_000
+    start = min(e.event_time for e in log)
+    log += [Impression(event_id=f"bot-{i}", event_time=start + 10 * i, request_id=f"bot-{i}",
+                       user_id="bot-0", item_id=f"i{i % 30:04d}", position=0, slate_size=1, propensity=1.0,
+                       model_version=None, policy_version=None) for i in range(400)]
+    log = sorted(log, key=lambda e: e.event_time)
     late = Click(event_id="late-click", event_time=log[0].event_time + 1, user_id="clock-0", item_id="i0001")
-    expected_examples, expected_features = in_process(log + [late])
+    expected_examples, expected_features = in_process(log + [late], JoinerConfig(max_user_state_bytes=bound))
     impressions = [e for e in log if isinstance(e, Impression) and not e.user_id.startswith("clock-")]
+    over_bound = {e.event_id for e in impressions} - set(expected_examples)
+    assert over_bound and over_bound < {f"bot-{i}" for i in range(400)}
+    impressions = [e for e in impressions if e.event_id not in over_bound]
     assert len(expected_examples) == len(impressions)
     malformed = b'{"type": "click", "user_id": "u0001"}'
 
     with EventProducer(kafka) as producer:
         replay_to_kafka(log, producer, progress=False)
         producer.send_raw(kafka.topic("clicks"), b"u0001", malformed)
-    worker = Worker(kafka, tmp_path, f"w{uuid.uuid4().hex[:8]}").start()
+    worker = Worker(kafka, tmp_path, f"w{uuid.uuid4().hex[:8]}",
+                    STREAMREC_JOINER__MAX_USER_STATE_BYTES=str(bound)).start()
     try:
         examples = collect(kafka, "examples", lambda r: len(r) >= len(impressions), 180, worker)
         with EventProducer(kafka) as producer:  # now every watermark is a day past it: surely late
             producer.send(late)
-        letters = collect(kafka, "dlq", lambda r: len(r) >= 2, 120, worker)
+        letters = collect(kafka, "dlq", lambda r: len(r) >= 2 + len(over_bound), 120, worker)
         features = wait_for_features(tmp_path, expected_features, 120, worker)
     finally:
         assert worker.stop() == 0, worker.tail()
@@ -189,6 +203,8 @@ def test_live_worker_gives_the_in_process_examples_features_and_dead_letters(top
     bad = next(d for d in letters if d.original_value == malformed)
     assert "item_id: Field required" in bad.error and bad.topic == kafka.topic("clicks")
     assert any(b"late-click" in (d.original_value or b"") and d.error.startswith("late click") for d in letters)
+    refused = {json.loads(d.original_value)["event_id"] for d in letters if "max_user_state_bytes" in d.error}
+    assert refused == over_bound  # dead-lettered with the reason, the same ones the in-process path refuses
     assert features == expected_features
 
 
