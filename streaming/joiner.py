@@ -224,7 +224,7 @@ class LabelJoiner:
         if self.config.label_mode == "streaming":
             self._emit_settled_by_request(state, result)
         self._observe(partition, source, event.event_time, offset)
-        self._settle(user, state, self.watermark(partition, idle), result)
+        self._settle(user, state, self.watermark(partition, idle), result, changed=True)
         return result
 
     def close_expired(self, partition: str | int | None = None, idle: Iterable[str] = SOURCES) -> list[Example]:
@@ -262,13 +262,19 @@ class LabelJoiner:
         return result.examples
 
     # -- settling -----------------------------------------------------------------------------------
-    def _settle(self, user: str, state: dict, mark: int, result: JoinResult, since: int = 0) -> None:
-        """Close what ``mark`` has passed; ``result.examples[since:]`` are this user's (for the outbox)."""
+    def _settle(self, user: str, state: dict, mark: int, result: JoinResult, since: int = 0,
+                changed: bool = False) -> None:
+        """Close what ``mark`` has passed; ``result.examples[since:]`` are this user's (for the outbox).
+
+        The state is written back (a changelog record, in the live path) only when it ``changed``
+        here or before: sweeps look at a user again and again while its outbox waits to be durable.
+        """
         cfg = self.config
         impressions = state["impressions"]
         # clicks at or before the watermark: every impression that could own them has arrived
         state["clicks"].sort()
         while state["clicks"] and state["clicks"][0][0] < mark:
+            changed = True
             t, _, item, req = state["clicks"].pop(0)
             owner = self._owner(impressions, item, req, t, lambda i: True)
             if owner is not None and owner["t"] <= t <= owner["t"] + cfg.click_window_ms:
@@ -280,6 +286,7 @@ class LabelJoiner:
                 self.counters.organic_clicks += 1
         state["purchases"].sort()
         while state["purchases"] and state["purchases"][0][0] < mark:
+            changed = True
             t, _, item, req = state["purchases"].pop(0)
             owner = self._owner(impressions, item, req, t, lambda i: i["click"] is not None and i["click"] <= t)
             if owner is not None and t <= owner["click"] + cfg.purchase_window_ms:
@@ -293,24 +300,30 @@ class LabelJoiner:
             if imp["click"] is None and mark > imp["t"] + cfg.click_window_ms:
                 self._close(imp, imp["t"] + cfg.click_window_ms, result)
                 del impressions[event_id]
+                changed = True
             elif imp["click"] is not None and mark > imp["click"] + cfg.purchase_window_ms:
                 self._close(imp, imp["click"] + cfg.purchase_window_ms, result)
                 del impressions[event_id]
+                changed = True
         if len(state["seen"]) >= state.get("prune_at", 64):  # amortised: prune when the set has doubled
             horizon = mark - cfg.click_window_ms - cfg.purchase_window_ms - cfg.allowed_lateness_ms
             state["seen"] = {k: t for k, t in state["seen"].items() if t >= horizon}
             state["prune_at"] = max(64, 2 * len(state["seen"]))
+            changed = True
         if self.outbox:
-            self._update_outbox(state, result, since)
+            changed = self._update_outbox(state, result, since) or changed
         if impressions or state["clicks"] or state["purchases"] or state["seen"] or state.get("outbox"):
-            self.states[user] = state
+            if changed:
+                self.states[user] = state
             self._next_close[user] = self._due(state)
         else:
             self.states.pop(user, None)
             self._next_close.pop(user, None)
 
-    def _update_outbox(self, state: dict, result: JoinResult, since: int) -> None:
-        """Keep this user's new examples with its state; re-emit an earlier process's; drop the durable."""
+    def _update_outbox(self, state: dict, result: JoinResult, since: int) -> bool:
+        """Keep this user's new examples with its state; re-emit an earlier process's; drop the durable.
+        Return whether the outbox changed."""
+        before = state.get("outbox", [])
         kept = []
         for epoch, generation, body in state.get("outbox", []):
             if epoch != self.epoch:  # written by a process that may have died before sending it
@@ -325,6 +338,7 @@ class LabelJoiner:
             state["outbox"] = kept
         else:
             state.pop("outbox", None)
+        return kept != before
 
     def _due(self, state: dict) -> int:
         cfg = self.config

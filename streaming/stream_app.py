@@ -45,6 +45,10 @@ from streaming.joiner import SOURCES, JoinerConfig, LabelJoiner
 
 log = logging.getLogger(__name__)
 FeatureSink = Callable[[list[FeatureUpdate]], None]
+# A restarted worker (memory store) replays its tables' changelogs from the start, and the broker
+# compacts only closed segments: with Kafka's defaults (1 GiB or 7-day segments) recovery replays
+# every write ever made. Small segments and an eager cleaner keep it near one record per key.
+CHANGELOG_CONFIG = {"segment.ms": str(10 * 60_000), "segment.bytes": str(64 * 2**20), "min.cleanable.dirty.ratio": "0.2"}
 FLUSH_AT_STOP_S = 30.0  # how long a flush waits for deliveries once the producer is stopping
 _SOURCE_TOPICS = {"impression": "impressions", "click": "clicks", "purchase": "purchases"}
 
@@ -203,7 +207,8 @@ class StreamWorker:
         self.examples = self.app.topic(kafka.topic("examples"), **raw)
         self.dead_letters = self.app.topic(kafka.topic("dlq"), **raw)
 
-        table = dict(default=None, partitions=kafka.partitions)  # keys and values as JSON, Faust's default
+        # keys and values as JSON, Faust's default; changelogs compacted as they grow (see CHANGELOG_CONFIG)
+        table = dict(default=None, partitions=kafka.partitions, extra_topic_configs=CHANGELOG_CONFIG)
         self.join_state = self.app.Table("join-state", **table)
         self.join_watermarks = self.app.Table("join-watermarks", **table)
         self.user_aggregates = self.app.Table("user-aggregates", **table)

@@ -325,3 +325,31 @@ def test_a_users_join_state_stays_within_one_kafka_record_and_what_would_pass_it
     assert joiner.process(click("c0", burst[0].event_time + 10, item=burst[0].item_id, user="bot")).late == []
     examples = {e.event_id: e for e in joiner.flush()}
     assert set(examples) == accepted | {"h1"} and examples[burst[0].event_id].clicked
+
+
+class CountingStates(dict):
+    """A state table that counts writes: each is a changelog record in the live path."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def __setitem__(self, key, value):
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_sweeps_rewrite_a_users_state_only_when_it_changed():
+    states = CountingStates()
+    joiner = LabelJoiner(CFG, states=states, outbox=True)
+    joiner.process(imp("i1", 0))
+    joiner.process(imp("i2", 40 * MIN, user="v"))  # the watermark passes i1's click window
+    closed = joiner.close_expired()
+    assert [e.event_id for e in closed] == ["i1"] and states["u"]["outbox"]
+    writes = states.writes
+    for _ in range(5):  # the outbox waits for a flush: swept each time, nothing to record
+        assert joiner.close_expired() == []
+    assert states.writes == writes
+    joiner.generation += 2  # two flushes later the example is durable: the outbox empties, one write
+    joiner.close_expired()
+    assert states.writes == writes + 1 and "outbox" not in states["u"]

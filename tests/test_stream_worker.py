@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import ConfigResource
 
 from feature_store.config import FeatureStoreSettings
 from feature_store.store import StreamingFeatureStore
@@ -27,7 +28,7 @@ from streaming.events import Click, Impression, Purchase
 from streaming.kafka_io import EventConsumer, EventProducer, ensure_topics
 from streaming.config import INTERNAL_TOPICS, TOPICS
 from streaming.replay import replay_to_kafka
-from streaming.stream_app import ProducerSendError, StreamWorker
+from streaming.stream_app import CHANGELOG_CONFIG, ProducerSendError, StreamWorker
 from streaming.joiner import JoinerConfig
 from streaming.stream_processor import StreamProcessor
 from streamrec.chaos import clock_events, recent_start_ms
@@ -186,8 +187,8 @@ def test_live_worker_gives_the_in_process_examples_features_and_dead_letters(top
     with EventProducer(kafka) as producer:
         replay_to_kafka(log, producer, progress=False)
         producer.send_raw(kafka.topic("clicks"), b"u0001", malformed)
-    worker = Worker(kafka, tmp_path, f"w{uuid.uuid4().hex[:8]}",
-                    STREAMREC_JOINER__MAX_USER_STATE_BYTES=str(bound)).start()
+    app_id = f"w{uuid.uuid4().hex[:8]}"
+    worker = Worker(kafka, tmp_path, app_id, STREAMREC_JOINER__MAX_USER_STATE_BYTES=str(bound)).start()
     try:
         examples = collect(kafka, "examples", lambda r: len(r) >= len(impressions), 180, worker)
         with EventProducer(kafka) as producer:  # now every watermark is a day past it: surely late
@@ -206,6 +207,15 @@ def test_live_worker_gives_the_in_process_examples_features_and_dead_letters(top
     refused = {json.loads(d.original_value)["event_id"] for d in letters if "max_user_state_bytes" in d.error}
     assert refused == over_bound  # dead-lettered with the reason, the same ones the in-process path refuses
     assert features == expected_features
+    # the tables' changelogs are compacted as they go, so a restart replays state, not history
+    admin = KafkaAdminClient(**kafka.client_options())
+    try:
+        described = admin.describe_configs([ConfigResource("TOPIC", f"{app_id}-join-state-changelog")])
+    finally:
+        admin.close()
+    config = {key: entry["value"] for key, entry in next(iter(described["topic"].values())).items()}
+    assert {key: config.get(key) for key in CHANGELOG_CONFIG} == CHANGELOG_CONFIG
+    assert config.get("cleanup.policy") == "compact"
 
 
 def test_worker_killed_mid_stream_recovers_its_state_from_the_changelogs(topics, tmp_path):
