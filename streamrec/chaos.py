@@ -572,11 +572,12 @@ class ChaosRun:
         finally:
             consumer.close()
 
-    def uncommitted_inputs(self) -> dict[str, tuple[int | None, int]]:
-        """The worker's input partitions whose committed offset is short of the end: (committed, end)."""
+    def uncommitted_inputs(self, topics: Sequence[str] = ("impressions", "clicks", "purchases", "items"),
+                           ) -> dict[str, tuple[int | None, int]]:
+        """The worker's partitions of ``topics`` whose committed offset is short of the end: (committed, end)."""
         from kafka import KafkaConsumer
 
-        ends = self.end_offsets(("impressions", "clicks", "purchases", "items"))
+        ends = self.end_offsets(topics)
         consumer = KafkaConsumer(**self.kafka.client_options(), group_id=self.app_id, enable_auto_commit=False)
         try:
             return {f"{tp.topic}[{tp.partition}]": (consumer.committed(tp), end) for tp, end in ends.items()
@@ -695,6 +696,9 @@ class ChaosRun:
             self.wait(lambda: examples.records + examples.undecodable >= sum(ends.values()),
                       "reading the examples topic to its end")
             self.wait(lambda: not self.learner_behind(ends), "the learner to checkpoint every example", interval_s=0.2)
+            # its own topics too: item statistics re-keyed, and feature rows committed once Feast has them
+            self.wait(lambda: not self.uncommitted_inputs(("item-activity", "feature-updates")),
+                      "the worker to push every feature update to Feast", interval_s=0.5)
             self.wait(lambda: not self.feature_mismatches(expected_features), "Feast to hold the expected features",
                       interval_s=0.5, timeout_s=min(cfg.stage_timeout_s, 120), fail=False)
             wrong_features = self.feature_mismatches(expected_features)
