@@ -68,8 +68,9 @@ class JoinerConfig(BaseModel):
     allowed_lateness_ms: int = Field(default=5 * 60_000, ge=0)
     label_mode: Literal["windowed", "streaming"] = "windowed"
     # one user's join state is one changelog record, and Kafka refuses records over ~1 MB: a user
-    # (a crawler, a bot) whose open windows would pass this bound gets its new events dead-lettered
-    max_user_state_bytes: int = Field(default=512_000, ge=10_000)
+    # (a crawler, a bot) whose open windows would pass this bound gets its new events dead-lettered.
+    # A record can briefly hold up to about twice this (see ``state_bytes``), so keep it under half.
+    max_user_state_bytes: int = Field(default=400_000, ge=10_000)
 
 
 @dataclass
@@ -92,21 +93,29 @@ class JoinCounters:
     examples: int = 0
 
 
-_ENTRY_BYTES = 100  # a click, a purchase, a ``seen`` id, an impression's bookkeeping: generous JSON sizes
-
-
 def _impression_bytes(body: dict) -> int:
-    return len(json.dumps(body, separators=(",", ":"))) + _ENTRY_BYTES
+    # as Faust's JSON codec writes it (the standard library's defaults: ", " and ": ", ASCII escapes),
+    # plus the record's own fields around the body: its key, time, item, request, labels, copies
+    ids = len(body["event_id"]) + len(body["item_id"]) + len(body.get("request_id") or "")
+    return len(json.dumps(body)) + 2 * ids + 160
+
+
+def _event_bytes(entry: list) -> int:
+    """A pending click or purchase: [time, event_id, item_id, request_id]."""
+    return 40 + len(entry[1]) + len(entry[2]) + len(entry[3] or "null")
 
 
 def state_bytes(state: dict) -> int:
-    """A generous estimate of the size of a user's state as JSON, without encoding all of it."""
-    open_ = state["impressions"]
-    impressions = sum(imp.get("n", 1000) for imp in open_.values())
-    # an outbox example is its impression plus labels; its impression was one of these (or like them)
-    example = (impressions // len(open_) if open_ else 1000) + 3 * _ENTRY_BYTES
-    entries = len(state["clicks"]) + len(state["purchases"]) + len(state["seen"])
-    return 200 + impressions + example * len(state.get("outbox", ())) + _ENTRY_BYTES * entries
+    """An estimate, on the large side, of a user's state as JSON, outbox left out, without encoding it.
+
+    The outbox is left out so that the live path (which keeps one) and the in-process path (which
+    does not) refuse the same events. It holds only examples just closed, each in place of the open
+    impression it was, and only until the next flushes, so a record is at most about twice this.
+    """
+    impressions = sum(imp.get("n", 1000) for imp in state["impressions"].values())
+    pending = sum(map(_event_bytes, state["clicks"])) + sum(map(_event_bytes, state["purchases"]))
+    seen = sum(map(len, state["seen"])) + 22 * len(state["seen"])  # '"<event_id>": <time>, '
+    return 200 + impressions + pending + seen
 
 
 def new_user_state(partition: str) -> dict:
@@ -198,7 +207,9 @@ class LabelJoiner:
             self.counters.late += 1
             return result
         body = event.model_dump(mode="json") if isinstance(event, Impression) else None
-        size = state_bytes(state) + (_impression_bytes(body) if body is not None else _ENTRY_BYTES)
+        size = state_bytes(state) + 22 + len(event.event_id) + (
+            _impression_bytes(body) if body is not None
+            else _event_bytes([0, event.event_id, event.item_id, event.request_id]))  # type: ignore[attr-defined]
         if size > self.config.max_user_state_bytes:
             reason = (f"{source} of user {user}: the user's open join state would reach ~{size} bytes, over "
                       f"max_user_state_bytes={self.config.max_user_state_bytes} (one changelog record; Kafka "
