@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from policies.synthetic_world import SyntheticWorld, WorldConfig
 from streaming.events import Click, Impression, Purchase
-from streaming.joiner import JoinerConfig, LabelJoiner
+from streaming.joiner import JoinerConfig, LabelJoiner, state_bytes
 
 MIN = 60_000
 CFG = JoinerConfig(click_window_ms=30 * MIN, purchase_window_ms=24 * 60 * MIN, allowed_lateness_ms=5 * MIN)
@@ -353,3 +353,17 @@ def test_sweeps_rewrite_a_users_state_only_when_it_changed():
     joiner.generation += 2  # two flushes later the example is durable: the outbox empties, one write
     joiner.close_expired()
     assert states.writes == writes + 1 and "outbox" not in states["u"]
+
+
+def test_the_state_size_estimate_is_never_below_the_record_faust_writes():
+    """What bounds a user's state must not undershoot the JSON the changelog record will hold."""
+    world = SyntheticWorld(WorldConfig(seed=5, n_users=6, n_items=20, mean_request_gap_ms=20_000))
+    joiner = LabelJoiner(CFG)
+    checked = 0
+    for event in sorted(world.generate_log(600), key=lambda e: e.event_time):
+        joiner.process(event)
+        state = joiner.states.get(event.user_id)
+        if state:
+            assert state_bytes(state) >= len(json.dumps(state)), event
+            checked += 1
+    assert checked > 2000 and joiner.counters.clicks and joiner.counters.purchases
