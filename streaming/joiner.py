@@ -207,9 +207,9 @@ class LabelJoiner:
             self.counters.late += 1
             return result
         body = event.model_dump(mode="json") if isinstance(event, Impression) else None
-        size = state_bytes(state) + 22 + len(event.event_id) + (
-            _impression_bytes(body) if body is not None
-            else _event_bytes([0, event.event_id, event.item_id, event.request_id]))  # type: ignore[attr-defined]
+        added = (_impression_bytes(body) if body is not None
+                 else _event_bytes([0, event.event_id, event.item_id, event.request_id]))  # type: ignore[attr-defined]
+        size = state_bytes(state) + 22 + len(event.event_id) + added
         if size > self.config.max_user_state_bytes:
             reason = (f"{source} of user {user}: the user's open join state would reach ~{size} bytes, over "
                       f"max_user_state_bytes={self.config.max_user_state_bytes} (one changelog record; Kafka "
@@ -222,7 +222,7 @@ class LabelJoiner:
             self.counters.impressions += 1
             state["impressions"][event.event_id] = {
                 "t": event.event_time, "item": event.item_id, "req": event.request_id,
-                "click": None, "purchase": None, "copies": [], "body": body, "n": _impression_bytes(body),
+                "click": None, "purchase": None, "copies": [], "body": body, "n": added,
             }
             if self.config.label_mode == "streaming":
                 self._emit_copy(state["impressions"][event.event_id], "impression", result)
@@ -336,7 +336,7 @@ class LabelJoiner:
         Return whether the outbox changed."""
         before = state.get("outbox", [])
         kept = []
-        for epoch, generation, body in state.get("outbox", []):
+        for epoch, generation, body in before:
             if epoch != self.epoch:  # written by a process that may have died before sending it
                 result.examples.append(Example.model_validate(body))
                 kept.append([self.epoch, self.generation, body])
